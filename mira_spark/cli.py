@@ -86,6 +86,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
 
 
+def run_task(command: str, argv: list[str]) -> int:
+    """Entry for Databricks tasks (jobs/*.py): global options from the task parameters, then the command."""
+    code = main([*argv, command])
+    if code != 0:
+        print(f"mira-spark: task {command} failed with exit code {code}", file=sys.stderr)
+    return code
+
+
 def dispatch(args: argparse.Namespace, cfg: MiraConfig) -> int:
     from mira_spark import pipeline
 
