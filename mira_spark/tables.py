@@ -32,6 +32,8 @@ class TableSpec:
     schema: T.StructType
     keys: tuple[str, ...]
     description: str
+    # Partition columns: runs that write disjoint partitions never conflict under concurrency.
+    partition_by: tuple[str, ...] = ()
 
 
 TABLES: dict[str, TableSpec] = {spec.name: spec for spec in [
@@ -90,11 +92,12 @@ TABLES: dict[str, TableSpec] = {spec.name: spec for spec in [
         ("selection_run", S, False), ("source", S, False), ("group_id", I, True), ("rate", D, False),
         ("threshold", D, True), ("records", L, False), ("tokens", L, False), ("kept_records", L, False),
         ("kept_tokens", L, False),
-    ), ("selection_run", "source"), "Per-source retention rate and quality threshold of a selection run."),
+    ), ("selection_run", "source"), "Per-source retention rate and quality threshold of a selection run.",
+        ("selection_run",)),
     TableSpec("selections", _schema(
         ("selection_run", S, False), ("record_id", S, False), ("source", S, False), ("group_id", I, True),
         ("quality", D, True), ("threshold", D, True), ("kept", B, False), ("n_tokens", L, False),
-    ), ("selection_run", "record_id"), "Per-record keep/drop decision of a selection run."),
+    ), ("selection_run", "record_id"), "Per-record keep/drop decision of a selection run.", ("selection_run",)),
 ]}
 
 
@@ -187,6 +190,9 @@ class TableStore:
 
     def _write(self, df: DataFrame, table: str, mode: str, options: Optional[dict] = None) -> None:
         writer = df.write.format("delta").mode(mode)
+        spec = TABLES.get(table)
+        if spec is not None and spec.partition_by:
+            writer = writer.partitionBy(*spec.partition_by)
         for key, value in (options or {}).items():
             writer = writer.option(key, value)
         if self.local:
