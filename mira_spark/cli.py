@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("query")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.add_argument("--limit", type=int, default=1000, help="most rows to print (default 1000)")
+    compare = sub.add_parser("compare", help="compare selection runs side by side (from MLflow)")
+    compare.add_argument("--last", type=int, default=5, help="how many recent selection runs (default 5)")
+    compare.add_argument("--runs", help="comma-separated MLflow run ids or selection run ids")
     sub.add_parser("demo-corpus", help="build the demo corpus from files on this machine")
     sub.add_parser("stages", help="list the stages in pipeline order")
     return parser
@@ -107,6 +110,11 @@ def dispatch(args: argparse.Namespace, cfg: MiraConfig) -> int:
         print(f"demo corpus: {sum(counts.values())} records from {len(counts)} sources in {cfg.demo.output_dir}")
         for name, count in counts.items():
             print(f"  {name:24s} {count:6d}")
+        return 0
+    if args.command == "compare":
+        from mira_spark.compare import compare
+
+        print(compare(cfg, args.last, args.runs.split(",") if args.runs else None))
         return 0
     ctx = pipeline.make_context(cfg)
     if args.command == "sql":

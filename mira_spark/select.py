@@ -23,14 +23,14 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from mira_spark import tracking
-from mira_spark.config import SelectConf, resolve_path
+from mira_spark.config import SelectConf, flatten, resolve_path
 from mira_spark.keys import hash_unit_col, stable_hash
 
 log = logging.getLogger(__name__)
@@ -269,6 +269,7 @@ def log_selection(run_id: str, rows: list[dict], conf: SelectConf, tables) -> No
     if mlflow.active_run() is None:
         return
     mlflow.set_tag("mira.selection_run", run_id)
+    mlflow.log_params({k: str(v)[:500] for k, v in flatten({"select": asdict(conf)}).items()})
     metrics = {"kept_tokens": sum(r["kept_tokens"] for r in rows), "total_tokens": sum(r["tokens"] for r in rows)}
     for r in rows:
         metrics[f"retention.{r['source']}"] = r["kept_tokens"] / max(r["tokens"], 1)

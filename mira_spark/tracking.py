@@ -48,14 +48,18 @@ def configure(cfg: MiraConfig) -> str:
     mlflow.set_registry_uri(registry_uri(cfg))
     name = cfg.mlflow.experiment
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifact_location = None
-    if not on_databricks():
-        artifact_dir = Path(resolve_path(cfg.mlflow.artifact_dir))
-        artifact_dir.mkdir(parents=True, exist_ok=True)
-        artifact_location = artifact_dir.as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    if experiment is None:
+        artifact_location = None
+        if not on_databricks():
+            artifact_dir = Path(resolve_path(cfg.mlflow.artifact_dir))
+            artifact_dir.mkdir(parents=True, exist_ok=True)
+            artifact_location = artifact_dir.as_uri()
+        experiment_id = mlflow.create_experiment(name, artifact_location=artifact_location)
+    else:
+        experiment_id = experiment.experiment_id
+    # Nested runs (stages, groups) go to the active experiment: make it this one.
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
 
 
 def _params(cfg: MiraConfig) -> dict[str, str]:

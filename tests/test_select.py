@@ -120,3 +120,23 @@ def test_summary_view_and_export(scored, tmp_path):
     exported = ctx.spark.read.json(summary["export_path"])
     assert exported.count() == summary["kept_records"]
     assert {"record_id", "source", "text", "quality"} <= set(exported.columns)
+
+
+def test_two_budgets_are_logged_and_compared_side_by_side(scored):
+    from mira_spark import compare, tracking
+
+    ctx = scored
+    runs = []
+    for budget in (20_000, 60_000):
+        ctx.cfg.select.token_budget = budget
+        with tracking.stage_run(ctx.cfg, "select"):
+            runs.append(select.run(ctx))
+    text = compare.compare(ctx.cfg, last=2)
+    assert "select.token_budget" in text and "20000" in text and "60000" in text
+    assert "retention per source" in text and "good_code" in text
+    frames = compare.compare_table(compare.selection_runs(ctx.cfg, last=2))
+    kept = frames["totals"].loc["kept_tokens"].tolist()
+    assert sorted(kept) == sorted(float(r["kept_tokens"]) for r in runs)
+    retention = frames["retention per source"]
+    assert (retention.iloc[:, 0] > retention.iloc[:, 1]).all()  # newest first: the 60k run keeps more
+    assert set(retention.index) == set(SOURCES)
