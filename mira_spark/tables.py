@@ -81,7 +81,7 @@ TABLES: dict[str, TableSpec] = {spec.name: spec for spec in [
     TableSpec("dim_reliability", _schema(
         ("group_id", I, False), ("rubric_version", S, False), ("dim_id", S, False), ("name", S, False),
         ("spearman", D, True), ("mae", D, True), ("n", L, False), ("masked", B, False), ("weight", D, False),
-        ("reason", S, True), ("model_version", S, True),
+        ("reason", S, True), ("model_version", S, True), ("train_fingerprint", S, True),
     ), ("group_id", "rubric_version", "dim_id"), "Held-out student-teacher agreement per dimension."),
     TableSpec("scores", _schema(
         ("record_id", S, False), ("source", S, False), ("group_id", I, False),
