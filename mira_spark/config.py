@@ -122,28 +122,49 @@ class PricesConf:
 
 @dataclass
 class TeacherConf:
+    # heuristic is a rule-based stand-in (not an LLM) for demos and tests.
     backend: Literal["heuristic", "openai", "ai_query", "transformers"] = "heuristic"
+    # openai: the model or serving endpoint name; ai_query: the endpoint; transformers: a path or hub id.
     model: str = "heuristic-v1"
+    # openai: the OpenAI-compatible base URL, e.g. https://<workspace>/serving-endpoints or http://host:8000/v1.
     base_url: Optional[str] = None
     # Name of the environment variable holding the API key.
     api_key_env: Optional[str] = None
     # Databricks secret as "scope/key".
     api_key_secret: Optional[str] = None
     timeout_s: float = 60.0
+    # Retries of one request after the first attempt (429, 5xx, timeouts, connection errors).
     max_retries: int = 5
     backoff_base_s: float = 1.0
+    # Cap of one wait between retries (Retry-After included).
     backoff_max_s: float = 60.0
+    # Calls in flight at once: on the driver, or per Spark partition when distributed.
     concurrency: int = 4
+    # Rate limits for the whole job; a distributed run gives each partition its share.
     requests_per_minute: Optional[int] = None
     tokens_per_minute: Optional[int] = None
     temperature: float = 0.0
     max_output_tokens: int = 1024
+    # Record text beyond this many tokens is cut, with a visible marker.
     max_record_tokens: int = 1500
+    # Tokenizer that measures record budgets (a Hugging Face path or id; "default" is the offline MiniLM one).
+    tokenizer: str = "default"
+    # Repair requests after an invalid reply, before the call is recorded as invalid.
     repair_attempts: int = 2
+    # Ask for structured JSON output (json_schema, else json_object) where the endpoint supports it.
     json_mode: bool = True
+    # Calls recorded as failed in teacher_calls are made again by a later run (ok calls never are).
+    retry_failed: bool = True
     # Samples larger than this run distributed over Spark partitions.
     driver_max_calls: int = 200
+    # Partitions of a distributed run; None: the cluster's default parallelism.
+    partitions: Optional[int] = None
+    # Finished calls are journaled every this many calls (a crash loses at most one batch).
     cache_batch_size: int = 16
+    # Folder of the call journal; None: under the local warehouse, or /Volumes/{catalog}/{schema}/teacher_journal.
+    journal_dir: Optional[str] = None
+    # transformers: where the model runs.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     prices: PricesConf = field(default_factory=PricesConf)
 
 
