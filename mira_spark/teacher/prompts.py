@@ -52,7 +52,7 @@ _INJECTION = [re.compile(p, re.I) for p in (
     r"\b(respond|reply|answer|output)\b[^.\n]{0,30}\b(only|just)\b[^.\n]{0,30}\b(with|in)\b[^.\n]{0,30}"
     r"\b(score|json|format)\b",
     r"<<<\s*END RECORD",
-    r"^\s*(system|assistant)\s*:",
+    r"(?m)^\s*(system|assistant)\s*:",
 )]
 
 
