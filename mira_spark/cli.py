@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="compare selection runs side by side (from MLflow)")
     compare.add_argument("--last", type=int, default=5, help="how many recent selection runs (default 5)")
     compare.add_argument("--runs", help="comma-separated MLflow run ids or selection run ids")
+    export = sub.add_parser("export-rubrics", help="write the active rubrics to a YAML file for review")
+    export.add_argument("--out", required=True, help="the YAML file to write")
     sub.add_parser("demo-corpus", help="build the demo corpus from files on this machine")
     sub.add_parser("stages", help="list the stages in pipeline order")
     return parser
@@ -119,6 +121,12 @@ def dispatch(args: argparse.Namespace, cfg: MiraConfig) -> int:
     ctx = pipeline.make_context(cfg)
     if args.command == "sql":
         return run_sql(ctx, args.query, args.format, args.limit)
+    if args.command == "export-rubrics":
+        from mira_spark.discover import export_rubrics
+
+        count = export_rubrics(ctx, args.out)
+        print(f"wrote {count} anchors to {args.out}; edit it, then set discover.reviewed_rubrics: {args.out}")
+        return 0
     if args.command == "run":
         stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
         results = pipeline.run_pipeline(ctx, stages)

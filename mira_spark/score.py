@@ -67,7 +67,7 @@ def load_students(ctx) -> dict[int, tuple[StudentWeights, str]]:
 
     tracking.configure(ctx.cfg)
     pinned = {int(g): v for g, v in ctx.cfg.score.model_versions.items()}
-    trained = trained_versions(ctx.tables)
+    trained = trained_versions(ctx)
     out = {}
     for group_id in sorted(set(trained) | set(pinned)):
         version = pinned.get(group_id, trained.get(group_id))
@@ -78,10 +78,12 @@ def load_students(ctx) -> dict[int, tuple[StudentWeights, str]]:
     return out
 
 
-def trained_versions(tables) -> dict[int, str]:
+def trained_versions(ctx) -> dict[int, str]:
+    """Per group, the registered student version trained on the active rubric."""
+    tables = ctx.tables
     if not tables.exists("dim_reliability"):
         return {}
-    active = active_rubric_versions(tables)
+    active = active_rubric_versions(ctx)
     rows = tables.read("dim_reliability").select("group_id", "rubric_version", "model_version").distinct().collect()
     return {r["group_id"]: r["model_version"] for r in rows
             if active.get(r["group_id"]) == r["rubric_version"] and r["model_version"]}
@@ -127,13 +129,6 @@ def write_unscorable(ctx, embedded: DataFrame, key: str, groups_with_students: s
     columns = ["record_id", "source", "location", "text", "content_hash", "reason", "detail"]
     unscorable = (not_embedded.select(columns).unionByName(no_group.select(columns))
                   .unionByName(no_student.select(columns)).withColumn("sample", F.lit(None).cast("string")))
-    rows = reject_rows(unscorable, "score").cache()
-    count = rows.count()
-    current = tables.read_or_empty("rejects").filter(F.col("stage") == "score").select("reject_id")
-    unchanged = (rows.select("reject_id").exceptAll(current).isEmpty()
-                 and current.exceptAll(rows.select("reject_id")).isEmpty())
-    if not unchanged:
-        tables.replace_where(rows, "rejects", "stage = 'score'")
-    rows.unpersist()
+    count = tables.replace_rejects("score", reject_rows(unscorable, "score"))
     if count:
         log.warning("score: %d records cannot be scored; see rejects where stage = 'score'", count)

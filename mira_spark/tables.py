@@ -73,7 +73,13 @@ TABLES: dict[str, TableSpec] = {spec.name: spec for spec in [
         ("rubric_version", S, False), ("group_id", I, False), ("dim_id", S, False), ("name", S, False),
         ("definition", S, False), ("scale", T.MapType(S, S), False), ("support", I, False),
         ("examples", T.ArrayType(S), True), ("consolidation", S, False), ("origin", S, False),
+        ("created_at", T.TimestampType(), False),
     ), ("rubric_version", "group_id", "dim_id"), "Anchor dimensions per group."),
+    TableSpec("samples", _schema(
+        ("purpose", S, False), ("group_id", I, False), ("record_id", S, False), ("source", S, False),
+        ("rank", D, False),
+    ), ("purpose", "group_id", "record_id"), "Records drawn for discovery and labelling, kept so samples "
+        "stay the same as the corpus grows."),
     TableSpec("teacher_labels", _schema(
         ("record_id", S, False), ("group_id", I, False), ("rubric_version", S, False), ("dim_id", S, False),
         ("score", I, False), ("rationale", S, True), ("call_key", S, False),
@@ -256,6 +262,21 @@ class TableStore:
         self.ensure(table)
         self._write(self.conform(df, table), table, mode="append",
                     options={"txnAppId": app_id, "txnVersion": str(version)})
+
+    def replace_rejects(self, stage: str, rows: DataFrame) -> int:
+        """Make `rejects` hold exactly `rows` for `stage` (reasons that still apply now); no write if unchanged."""
+        from pyspark.sql import functions as F
+
+        rows = self.conform(rows, "rejects").cache()
+        try:
+            count = rows.count()
+            current = self.read_or_empty("rejects").filter(F.col("stage") == stage).select("reject_id")
+            fresh = rows.select("reject_id")
+            if not (fresh.exceptAll(current).isEmpty() and current.exceptAll(fresh).isEmpty()):
+                self.replace_where(rows, "rejects", f"stage = '{stage}'")
+            return count
+        finally:
+            rows.unpersist()
 
     def create_view(self, view: str, sql: str) -> None:
         self.spark.sql(f"CREATE OR REPLACE VIEW {self.name(view)} AS {sql}")

@@ -39,7 +39,7 @@ def run(ctx) -> dict:
     tables = ctx.tables
     tracking.configure(cfg)  # the registry must be this config's even when the stage runs on its own
     key = model_key(cfg.embed)
-    versions = active_rubric_versions(tables)
+    versions = active_rubric_versions(ctx)
     if not versions:
         raise RuntimeError("no teacher labels yet: run the label stage first")
     names = dimension_names(tables)
@@ -60,10 +60,19 @@ def run(ctx) -> dict:
 # ---------------------------------------------------------------- inputs
 
 
-def active_rubric_versions(tables) -> dict[int, str]:
-    """Per group, the rubric version whose labels the students learn: the one with the most labels."""
+def active_rubric_versions(ctx) -> dict[int, str]:
+    """Per group, the rubric version whose labels the students learn: the active rubric (reviewed, else the
+    newest discovered) when there are rubrics, otherwise the version with the most labels."""
+    from mira_spark.discover import active_rubrics
+
+    tables = ctx.tables
     if not tables.exists("teacher_labels"):
         return {}
+    labelled = {(r["group_id"], r["rubric_version"]) for r in
+                tables.read("teacher_labels").select("group_id", "rubric_version").distinct().collect()}
+    if tables.exists("rubrics"):
+        active = {g: anchors[0]["rubric_version"] for g, anchors in active_rubrics(ctx).items()}
+        return {g: v for g, v in active.items() if (g, v) in labelled}
     counts = (tables.read("teacher_labels").groupBy("group_id", "rubric_version")
               .agg(F.countDistinct("record_id").alias("n")).collect())
     best: dict[int, tuple[int, str]] = {}

@@ -116,7 +116,7 @@ def test_pyfunc_models_give_the_stage_scores(trained):
     sample = (ctx.tables.read("scores").filter(F.col("group_id") == 0).limit(5)
               .join(ctx.tables.read("embeddings").select("record_id", "vector"), "record_id")
               .join(ctx.tables.read("records").select("record_id", "text"), "record_id").toPandas())
-    version = score.trained_versions(ctx.tables)[0]
+    version = score.trained_versions(ctx)[0]
     model = mlflow.pyfunc.load_model(f"models:/{train.registered_name(ctx.cfg, 0)}/{version}")
     out = model.predict(sample[["vector"]])
     assert np.allclose(out["quality"].to_numpy(), sample["quality"].to_numpy(), atol=1e-5)
