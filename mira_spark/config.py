@@ -98,6 +98,15 @@ class EmbedConf:
     max_seq_length: int = 256
     # auto: the GPU Spark assigned to the task if any, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Rows per Arrow batch handed to the embedding UDF; null: spark.arrow_batch_size.
+    arrow_batch_size: Optional[int] = None
+    # Torch CPU threads per Spark task; null: the CPUs Spark reserves per task (spark.task.cpus).
+    torch_threads: Optional[int] = None
+    # Partitions per chunk; null: tasks_per_slot per concurrently running task.
+    partitions: Optional[int] = None
+    tasks_per_slot: int = 4
+    # Records per committed chunk: a killed run loses at most one chunk of work (raise it on GPU clusters).
+    chunk_rows: int = 20000
 
 
 @dataclass

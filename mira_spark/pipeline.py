@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 # Stages in pipeline order: name -> module exposing `run(ctx) -> dict` of summary figures.
 STAGES: dict[str, str] = {
     "ingest": "mira_spark.ingest",
+    "embed": "mira_spark.embed",
+    "group": "mira_spark.group",
 }
 
 
