@@ -3,11 +3,16 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-# Pins that resolve together. delta-spark 4.4.0 pairs with pyspark 4.2 (its Maven artifact is
+# Spark itself is an extra: a Databricks runtime brings its own Spark and Delta, and installing pyspark from
+# the wheel's dependencies there would shadow them. Locally `make setup` installs `.[dev]`, which includes
+# `local`. The pins resolve together: delta-spark 4.4.0 pairs with pyspark 4.2 (its Maven artifact is
 # delta-spark_4.2_2.13:4.4.0); no Delta release supports pyspark 4.3 yet.
-INSTALL_REQUIRES = [
+LOCAL_SPARK = [
     "pyspark==4.2.0",
     "delta-spark==4.4.0",
+]
+
+INSTALL_REQUIRES = [
     "mlflow>=3.1,<4",
     "torch>=2.4,<3",
     "transformers>=4.44,<6",
@@ -24,7 +29,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "dev": [
+    "local": LOCAL_SPARK,
+    "dev": LOCAL_SPARK + [
         "pytest>=8,<10",
         "jsonschema>=4.20,<5",
     ],

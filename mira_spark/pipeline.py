@@ -21,6 +21,11 @@ STAGES: dict[str, str] = {
     "ingest": "mira_spark.ingest",
     "embed": "mira_spark.embed",
     "group": "mira_spark.group",
+    "discover": "mira_spark.discover",
+    "label": "mira_spark.label",
+    "train": "mira_spark.train",
+    "score": "mira_spark.score",
+    "select": "mira_spark.select",
 }
 
 

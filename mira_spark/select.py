@@ -279,16 +279,19 @@ def log_selection(run_id: str, rows: list[dict], conf: SelectConf, tables) -> No
     import pandas as pd
 
     mlflow.log_text(pd.DataFrame(rows).to_csv(index=False), "thresholds.csv")
-    plot_retention(rows)
-    plot_distributions(tables, run_id, rows)
+    import matplotlib.pyplot as plt
+
+    for figure, name in ((retention_figure(rows), "retention_per_source.png"),
+                         (distribution_figure(tables, run_id, rows), "quality_per_source.png")):
+        mlflow.log_figure(figure, f"plots/{name}")
+        plt.close(figure)
 
 
-def plot_retention(rows: list[dict]) -> None:
+def retention_figure(rows: list[dict]):
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    import mlflow
 
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
     names = [r["source"] for r in rows]
@@ -297,23 +300,24 @@ def plot_retention(rows: list[dict]) -> None:
     ax.set_xlim(0, 1)
     ax.set_title("Retention per source")
     fig.tight_layout()
-    mlflow.log_figure(fig, "plots/retention_per_source.png")
-    plt.close(fig)
+    return fig
 
 
-def plot_distributions(tables, run_id: str, rows: list[dict]) -> None:
+def distribution_figure(tables, run_id: str, rows: list[dict]):
     """Histogram of quality per source with its threshold (histograms are computed in Spark)."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
-    import mlflow
 
     bins = 30
     sel = tables.read("selections").filter((F.col("selection_run") == run_id) & F.col("quality").isNotNull())
     bounds = sel.agg(F.min("quality").alias("lo"), F.max("quality").alias("hi")).first()
     if bounds["lo"] is None:
-        return
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "no quality scores in this selection", ha="center", va="center")
+        ax.axis("off")
+        return fig
     lo, hi = bounds["lo"], bounds["hi"] if bounds["hi"] > bounds["lo"] else bounds["lo"] + 1.0
     width = (hi - lo) / bins
     hist = (sel.withColumn("bin", F.least(F.floor((F.col("quality") - lo) / width), F.lit(bins - 1)).cast("int"))
@@ -335,5 +339,4 @@ def plot_distributions(tables, run_id: str, rows: list[dict]) -> None:
         ax.axis("off")
     fig.suptitle("Quality per source with its threshold")
     fig.tight_layout()
-    mlflow.log_figure(fig, "plots/quality_per_source.png")
-    plt.close(fig)
+    return fig

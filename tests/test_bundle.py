@@ -41,20 +41,41 @@ def test_schema_rejects_a_broken_bundle(bundle, validator):
     assert list(validator.iter_errors(broken))
 
 
-def test_every_task_calls_an_existing_entry_point_and_stage(bundle):
-    from mira_spark.cli import build_parser
+def tasks(bundle):
+    return bundle["resources"]["jobs"]["mira_pipeline"]["tasks"]
+
+
+def test_one_task_per_stage_chained_in_pipeline_order(bundle):
     from mira_spark.pipeline import STAGES
 
-    setup_py = (REPO / "setup.py").read_text()
-    commands = set(STAGES) | {"run"}
-    for job in bundle["resources"]["jobs"].values():
-        for task in job["tasks"]:
-            if "python_wheel_task" in task:
-                wheel = task["python_wheel_task"]
-                assert wheel["package_name"] == "mira_spark"
-                assert re.search(rf'"{re.escape(wheel["entry_point"])}=mira_spark\.cli:main"', setup_py)
-                params = [p for p in wheel["parameters"] if not p.startswith("${")]
-                assert params[-1] in commands, f"task {task['task_key']} runs unknown command {params[-1]}"
-                build_parser().parse_args([p if not p.startswith("${") else "x" for p in wheel["parameters"]])
-            if "spark_python_task" in task:
-                assert (REPO / task["spark_python_task"]["python_file"]).exists()
+    keys = [t["task_key"] for t in tasks(bundle)]
+    assert keys == [s for s in STAGES]
+    for previous, task in zip(keys, tasks(bundle)[1:]):
+        assert task["depends_on"] == [{"task_key": previous}]
+    clusters = {t["task_key"]: t["job_cluster_key"] for t in tasks(bundle)}
+    assert clusters["embed"] == clusters["score"] == "gpu" and clusters["ingest"] == "cpu"
+    gpu = next(c for c in bundle["resources"]["jobs"]["mira_pipeline"]["job_clusters"] if c["job_cluster_key"] == "gpu")
+    assert "gpu-ml" in bundle["variables"]["spark_version_gpu"]["default"]
+    assert gpu["new_cluster"]["spark_version"] == "${var.spark_version_gpu}"
+    assert set(bundle["targets"]) == {"dev", "prod"} and bundle["targets"]["dev"]["default"] is True
+
+
+def test_every_task_file_exists_and_runs_its_stage_with_the_cli_parameters(bundle):
+    from mira_spark.cli import build_parser
+
+    for task in tasks(bundle):
+        python_file = task["spark_python_task"]["python_file"]
+        path = REPO / python_file
+        assert path.exists(), python_file
+        assert f'run_task("{task["task_key"]}"' in path.read_text()
+        params = [p if "${" not in p else "x=y" if p.endswith("}") and "=" in p else "x"
+                  for p in task["spark_python_task"]["parameters"]]
+        args = build_parser().parse_args([*params, task["task_key"]])
+        assert args.command == task["task_key"] and args.catalog and args.schema
+    assert (REPO / "jobs" / "run_all.py").exists()
+
+
+def test_no_secret_values_in_the_bundle():
+    text = (REPO / "bundle.yml").read_text()
+    assert not re.search(r"(dapi|sk-)[A-Za-z0-9]{8,}", text)
+    assert "api_key_secret=${var.teacher_secret}" in text
