@@ -24,7 +24,6 @@ $(JARS_STAMP): $(SETUP_STAMP)
 demo: setup
 	$(VENV)/bin/mira-spark --config conf/local.yml demo-corpus
 	$(VENV)/bin/mira-spark --config conf/local.yml run
-	$(VENV)/bin/mira-spark --config conf/local.yml sql "SELECT * FROM ingest_stats ORDER BY source"
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -131,10 +131,25 @@ def dispatch(args: argparse.Namespace, cfg: MiraConfig) -> int:
         stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
         results = pipeline.run_pipeline(ctx, stages)
         print_results(results)
+        if "select" in results:
+            print_selection_summary(ctx, results["select"]["selection_run"])
         return 0
     results = {args.command: pipeline.run_stage(ctx, args.command)}
     print_results(results)
+    if args.command == "select":
+        print_selection_summary(ctx, results["select"]["selection_run"])
     return 0
+
+
+def print_selection_summary(ctx, run_id: str) -> None:
+    """The per-source view of a selection run, as users query it (`selection_summary`)."""
+    query = f"""
+        SELECT source, group_id, records, kept, round(kept_fraction, 3) AS kept_fraction, tokens, kept_tokens,
+               round(mean_quality_kept, 3) AS quality_kept, round(mean_quality_dropped, 3) AS quality_dropped
+        FROM selection_summary WHERE selection_run = '{run_id}' ORDER BY group_id, source"""
+    rows = ctx.spark.sql(query).toPandas()  # one row per source
+    print(f"\nselection {run_id}: keeps {int(rows['kept_tokens'].sum()):,} of {int(rows['tokens'].sum()):,} tokens")
+    print(format_table(rows))
 
 
 def print_results(results: dict) -> None:
