@@ -1,6 +1,6 @@
 """Throughput benchmark: a pipeline stage through Spark against the bare model in one Python process.
 
-    python bench/throughput.py --stage embed --records 2000 [--chars 1500] [--config conf/local.yml]
+    python bench/throughput.py --stage embed|score --records 2000 [--chars 1500] [--config conf/local.yml]
                                [--set embed.batch_size=32 ...] [--keep]
 
 One run prepares N real records of about --chars characters (the demo corpus builder, files on this machine),
@@ -171,9 +171,82 @@ def measure_embed(ctx, records: BenchRecords) -> StageMeasurement:
                f"{tokens / len(records.texts):.0f} model tokens per record on average"])
 
 
-# Later stages (score) register their measure here.
+# ---------------------------------------------------------------- stage: score
+
+
+def train_students(ctx) -> None:
+    """Untimed: group the sources, let the heuristic teacher discover and label small samples, train."""
+    from mira_spark import discover, group, label, train
+
+    cfg = ctx.cfg
+    cfg.teacher.backend, cfg.teacher.model = "heuristic", "heuristic-v1"
+    cfg.discover.sample_per_group, cfg.label.sample_per_group = 40, 200
+    cfg.train.min_labels = 10
+    for stage in (group, discover, label, train):
+        log.info("preparing students: %s (not timed)", stage.__name__.rsplit(".", 1)[-1])
+        stage.run(ctx)
+
+
+def measure_score(ctx, records: BenchRecords) -> StageMeasurement:
+    """Full-corpus scoring as the pipeline does it: one encoder pass plus the group students' heads.
+
+    raw:   encode every text with the model in this process, then run each record's student head on it;
+    spark: the `embed` stage then the `score` stage on the same records (model loading, routing by group,
+           the Delta writes included). Students are trained between the two timings, untimed.
+    """
+    import numpy as np
+    import torch
+
+    from mira_spark import embed, score
+
+    conf = ctx.cfg.embed
+    device = "cuda" if conf.device != "cpu" and torch.cuda.is_available() else "cpu"
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    model = embed.load_model(embed.model_location(conf), device, conf.max_seq_length,
+                             offline=conf.model == "default")
+    encoded = model.tokenizer(records.texts, truncation=True, max_length=conf.max_seq_length)
+    tokens = sum(len(ids) for ids in encoded["input_ids"])
+    embed.encode(model, records.texts[:conf.batch_size], conf.batch_size)  # warm-up, not timed
+    log.info("raw: encoding %d records in this process (%s, %d torch threads)", len(records.texts), device, threads)
+    vectors, encode_seconds = timed(lambda: embed.encode(model, records.texts, conf.batch_size))
+    embed._MODELS.clear()
+    del model
+    gc.collect()
+
+    log.info("spark: running the embed stage")
+    _, embed_seconds = timed(lambda: embed.run(ctx))
+    train_students(ctx)
+    log.info("spark: running the score stage")
+    summary, score_seconds = timed(lambda: score.run(ctx))
+    if summary["scored"] != len(records.texts):
+        raise RuntimeError(f"the score stage scored {summary['scored']} of {len(records.texts)} records")
+
+    students = score.load_students(ctx)
+    groups = {r["source"]: r["group_id"] for r in ctx.tables.read("source_groups").collect()}
+    sources = {r["record_id"]: r["source"] for r in ctx.tables.read("records").select("record_id", "source").collect()}
+    group_of = np.array([groups[sources[rid]] for rid in records.record_ids])
+    matrix = np.asarray(vectors, dtype=np.float32)
+
+    def heads() -> None:
+        for group_id, (student, _) in students.items():
+            rows = matrix[group_of == group_id]
+            student.quality(student.predict(rows))
+
+    _, head_seconds = timed(heads)
+    n = len(records.texts)
+    return StageMeasurement(
+        raw=Measurement(f"raw model + heads (1 process, {device}, {threads} torch threads, model loaded)",
+                        n, tokens, encode_seconds + head_seconds),
+        spark=Measurement(f"spark embed + score stages ({ctx.spark.sparkContext.master}, model loads, routing "
+                          f"and Delta writes included)", n, tokens, embed_seconds + score_seconds),
+        notes=[f"raw: encode {encode_seconds:.1f} s + heads {head_seconds:.2f} s; spark: embed {embed_seconds:.1f} s"
+               f" + score {score_seconds:.1f} s; {len(students)} group students"])
+
+
 MEASURES: dict[str, Callable] = {
     "embed": measure_embed,
+    "score": measure_score,
 }
 
 

@@ -10,17 +10,14 @@ always says why a record has no score now.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
 
-import numpy as np
-import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from mira_spark.embed import model_key
 from mira_spark.ingest import reject_rows
 from mira_spark.progress import SparkProgress
-from mira_spark.students import StudentWeights
+from mira_spark.students import StudentWeights, score_batches
 from mira_spark.tables import TABLES
 from mira_spark.train import active_rubric_versions, registered_name
 
@@ -49,10 +46,14 @@ def run(ctx) -> dict:
         return summary
     payload = ctx.spark.sparkContext.broadcast({g: (s.to_json(), versions[g]) for g, (s, _) in students.items()})
     scored = pending.mapInPandas(lambda batches: score_batches(batches, payload.value),
-                                 schema=TABLES["scores"].schema)
-    with SparkProgress(ctx.spark, "score", n_pending):
+                                 schema=TABLES["scores"].schema).persist()
+    try:
+        with SparkProgress(ctx.spark, "score", n_pending):
+            scored.count()  # score once; the MERGE below reads the cached rows instead of scoring again
         tables.upsert(scored, "scores")
-    no_quality = tables.read("scores").filter(F.col("quality").isNull()).count()
+        no_quality = scored.filter(F.col("quality").isNull()).count()
+    finally:
+        scored.unpersist()
     if no_quality:
         log.error("score: %d records have no quality because every dimension of their group is masked",
                   no_quality)
@@ -87,26 +88,6 @@ def trained_versions(ctx) -> dict[int, str]:
     rows = tables.read("dim_reliability").select("group_id", "rubric_version", "model_version").distinct().collect()
     return {r["group_id"]: r["model_version"] for r in rows
             if active.get(r["group_id"]) == r["rubric_version"] and r["model_version"]}
-
-
-def score_batches(batches: Iterator[pd.DataFrame], payload: dict) -> Iterator[pd.DataFrame]:
-    """Worker side: decode the students once per task, then score each Arrow batch group by group."""
-    students = {g: (StudentWeights.from_json(text), version) for g, (text, version) in payload.items()}
-    for batch in batches:
-        parts = []
-        for group_id, rows in batch.groupby("group_id", sort=False):
-            student, version = students[int(group_id)]
-            vectors = np.stack(rows["vector"].to_numpy())
-            predictions = student.predict(vectors)
-            quality = student.quality(predictions)
-            parts.append(pd.DataFrame({
-                "record_id": rows["record_id"].to_numpy(), "source": rows["source"].to_numpy(),
-                "group_id": np.int32(group_id),
-                "dim_scores": [dict(zip(student.dims, map(float, p))) for p in predictions],
-                "quality": [None if np.isnan(q) else float(q) for q in quality],
-                "rubric_version": student.rubric_version, "student_version": version}))
-        if parts:
-            yield pd.concat(parts, ignore_index=True)
 
 
 def write_unscorable(ctx, embedded: DataFrame, key: str, groups_with_students: set[int]) -> None:

@@ -184,63 +184,28 @@ def spearman(a: np.ndarray, b: np.ndarray) -> Optional[float]:
     return None if value is None or np.isnan(value) else float(value)
 
 
-# ---------------------------------------------------------------- MLflow pyfunc models
+def score_batches(batches, payload: dict):
+    """Spark worker side (mapInPandas): decode the students once per task, score each Arrow batch by group.
 
-WEIGHTS_ARTIFACT = "student"
-
-try:  # mlflow is a dependency; the guard keeps plain numpy scoring importable in a bare worker
-    from mlflow.pyfunc import PythonModel
-except ImportError:  # pragma: no cover
-    PythonModel = object
-
-
-def _output_frame(student: StudentWeights, predictions: np.ndarray):
+    Lives here, beside the numpy model, so a worker imports numpy and pandas only (not torch or MLflow).
+    """
     import pandas as pd
 
-    out = pd.DataFrame(predictions.astype(np.float64), columns=student.dims)
-    out["quality"] = student.quality(predictions)
-    return out
+    students = {g: (StudentWeights.from_json(text), version) for g, (text, version) in payload.items()}
+    for batch in batches:
+        parts = []
+        for group_id, rows in batch.groupby("group_id", sort=False):
+            student, version = students[int(group_id)]
+            vectors = np.stack(rows["vector"].to_numpy())
+            predictions = student.predict(vectors)
+            quality = student.quality(predictions)
+            parts.append(pd.DataFrame({
+                "record_id": rows["record_id"].to_numpy(), "source": rows["source"].to_numpy(),
+                "group_id": np.int32(group_id),
+                "dim_scores": [dict(zip(student.dims, map(float, p))) for p in predictions],
+                "quality": [None if np.isnan(q) else float(q) for q in quality],
+                "rubric_version": student.rubric_version, "student_version": version}))
+        if parts:
+            yield parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
 
-class EmbeddingStudentModel(PythonModel):
-    """pyfunc: a `vector` column (the record embedding) -> one column per anchor dimension, plus `quality`."""
-
-    def load_context(self, context) -> None:
-        with open(context.artifacts[WEIGHTS_ARTIFACT], encoding="utf-8") as handle:
-            self.student = StudentWeights.from_json(handle.read())
-
-    def predict(self, context, model_input, params=None):
-        vectors = np.stack([np.asarray(v, dtype=np.float32) for v in model_input["vector"]])
-        return _output_frame(self.student, self.student.predict(vectors))
-
-
-class TextStudentModel(EmbeddingStudentModel):
-    """pyfunc: a `text` column -> the same outputs; embeds with the student's embedding model first."""
-
-    def load_context(self, context) -> None:
-        super().load_context(context)
-        from mira_spark.embed import load_model, model_location
-        from mira_spark.config import EmbedConf
-
-        meta = self.student.meta
-        conf = EmbedConf(model=meta.get("embed_model", "default"),
-                         max_seq_length=int(meta.get("max_seq_length", 256)))
-        self.batch_size = int(meta.get("batch_size", 64))
-        self.encoder = load_model(model_location(conf), "cpu", conf.max_seq_length, offline=True)
-
-    def predict(self, context, model_input, params=None):
-        texts = [str(t) for t in model_input["text"]]
-        vectors = self.encoder.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                      convert_to_numpy=True, show_progress_bar=False)
-        return _output_frame(self.student, self.student.predict(np.asarray(vectors, dtype=np.float32)))
-
-
-def signatures(student: StudentWeights):
-    """(vector-in signature, text-in signature), outputs included."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, DataType, Schema
-
-    outputs = Schema([ColSpec(DataType.double, d) for d in student.dims] + [ColSpec(DataType.double, "quality")])
-    vector_in = Schema([ColSpec(Array(DataType.float), "vector")])
-    text_in = Schema([ColSpec(DataType.string, "text")])
-    return ModelSignature(inputs=vector_in, outputs=outputs), ModelSignature(inputs=text_in, outputs=outputs)

@@ -26,8 +26,8 @@ from mira_spark.config import MiraConfig
 from mira_spark.embed import model_key
 from mira_spark.keys import hash_unit, stable_hash
 from mira_spark.spark import on_databricks
-from mira_spark.students import (EmbeddingStudentModel, TextStudentModel, WEIGHTS_ARTIFACT, fit_student,
-                                 set_aggregation, signatures, spearman, student_from_state)
+from mira_spark.student_pyfunc import EmbeddingStudentModel, TextStudentModel, WEIGHTS_ARTIFACT, signatures
+from mira_spark.students import fit_student, set_aggregation, spearman, student_from_state
 
 log = logging.getLogger(__name__)
 
