@@ -186,7 +186,7 @@ def run(ctx) -> dict:
 
 
 def check_conf(conf: EmbedConf) -> None:
-    for name in ("batch_size", "max_seq_length", "chunk_rows"):
+    for name in ("batch_size", "max_seq_length", "chunk_rows", "tasks_per_slot"):
         if getattr(conf, name) <= 0:
             raise ValueError(f"embed.{name} must be positive, got {getattr(conf, name)}")
     for name in ("arrow_batch_size", "torch_threads", "partitions"):
