@@ -119,7 +119,8 @@ def classify(unified: DataFrame, conf: IngestConf, existing: DataFrame) -> DataF
     reason = (F.when(F.col("reason").isNotNull(), F.col("reason"))
               .when(text.isNull(), F.lit(R_MISSING_TEXT))
               .when(n_chars == 0, F.lit(R_EMPTY))
-              .when(F.trim(F.regexp_replace(text, r"\s", "")) == "", F.lit(R_WHITESPACE))
+              # (?U): Unicode white space too (no-break, em, ideographic spaces), as Python's str.isspace
+              .when(F.regexp_replace(text, r"(?U)\s", "") == "", F.lit(R_WHITESPACE))
               .when(text.contains("\ufffd"), F.lit(R_UNDECODABLE))
               .when(n_chars > conf.max_chars, F.lit(R_TOO_LARGE)))
     detail = (F.when(F.col("detail").isNotNull(), F.col("detail"))
@@ -144,19 +145,23 @@ def classify(unified: DataFrame, conf: IngestConf, existing: DataFrame) -> DataF
     changed = good & F.col("existing_hash").isNotNull() & (F.col("content_hash") != F.col("existing_hash"))
     conflict = changed | (good & (F.col("content_hash") != F.col("_first_hash")))
     kept = F.coalesce(F.col("existing_hash"), F.col("_first_hash"))
-    df = (df.withColumn("reason", F.when(conflict, F.lit(R_ID_CONFLICT)).otherwise(F.col("reason")))
-          .withColumn("detail", F.when(conflict, F.concat(F.lit("kept the text with content hash "),
-                                                          F.substring(kept, 1, 16)))
+    # `conflict` reads `reason`: evaluate it once, before `reason` changes (else the detail is lost)
+    df = (df.withColumn("_conflict", conflict)
+          .withColumn("reason", F.when(F.col("_conflict"), F.lit(R_ID_CONFLICT)).otherwise(F.col("reason")))
+          .withColumn("detail", F.when(F.col("_conflict"), F.concat(F.lit("kept the text with content hash "),
+                                                                    F.substring(kept, 1, 16)))
                       .otherwise(F.col("detail")))
           .withColumn("role", F.when(F.col("reason").isNotNull(), F.lit("reject"))
                       .when(F.col("_rn") == 1, F.lit("record")).otherwise(F.lit("duplicate")))
-          .drop("_rn", "_first_hash"))
+          .drop("_rn", "_first_hash", "_conflict"))
     return df
 
 
 def reject_rows(rejects: DataFrame, stage: str) -> DataFrame:
     """Group identical rejects (same stage, source, location, reason and content) into one row with a count."""
-    fingerprint = F.coalesce(F.col("content_hash"), F.sha2(F.coalesce(F.col("sample"), F.lit("")), 256))
+    # Content: the record's hash, else its sample or text (two different bad lines are two rejects).
+    fingerprint = F.coalesce(F.col("content_hash"),
+                             F.sha2(F.coalesce(F.col("sample"), F.col("text"), F.lit("")), 256))
     keyed = rejects.withColumn("reject_id", F.substring(F.sha2(F.concat_ws(
         "\x1f", F.lit(stage), F.col("source"), F.col("location"), F.col("reason"), fingerprint), 256), 1, 32))
     return keyed.groupBy("reject_id").agg(
@@ -370,6 +375,21 @@ def _undecodable(content: bytes, exc: UnicodeDecodeError) -> dict:
             "sample": content[:SAMPLE_CHARS].decode("utf-8", errors="replace")}
 
 
+def empty_files(root: str, pattern: str) -> list[tuple[str, str]]:
+    """(path, relative path) of the zero-length files a local text folder holds under `pattern`, as Spark's
+    binaryFile lookup would list them (recursive, hidden `.`/`_` names skipped)."""
+    if "://" in root:
+        return []
+    base = Path(root)
+    out = []
+    for path in sorted(base.rglob(pattern)):
+        relative = path.relative_to(base)
+        if (path.is_file() and path.stat().st_size == 0
+                and not any(part.startswith((".", "_")) for part in relative.parts)):
+            out.append((str(path), relative.as_posix()))
+    return out
+
+
 def read_text_folder(spark, source: SourceConf, conf: IngestConf) -> DataFrame:
     root = resolve_path(source.path)
     if "://" not in root and not Path(root).is_dir():
@@ -385,17 +405,23 @@ def read_text_folder(spark, source: SourceConf, conf: IngestConf) -> DataFrame:
                             columns=[f.name for f in DECODED.fields])
 
     prefix = "file:" + root.rstrip("/") + "/" if "://" not in root else root.rstrip("/") + "/"
-    relative = F.regexp_replace(F.col("path"), "^" + re.escape(prefix), "")
+    decoded = files.select("path", F.regexp_replace(F.col("path"), "^" + re.escape(prefix), "").alias("relative"),
+                           decode(F.col("content")).alias("d"))
+    empty = empty_files(root, pattern)
+    if empty:  # Spark's file sources skip zero-length files: add them back, so they are counted and rejected
+        decoded = decoded.unionByName(spark.createDataFrame(
+            [("file:" + path, relative, decode_file_bytes(b"", max_bytes)) for path, relative in empty],
+            T.StructType([T.StructField("path", T.StringType()), T.StructField("relative", T.StringType()),
+                          T.StructField("d", DECODED)])))
     if source.source_from_path:
         # Java regexes take the group by number: the position of the named group `source`.
         group_index = re.compile(source.source_from_path).groupindex["source"]
         java_pattern = re.sub(r"\(\?P<", "(?<", source.source_from_path)
-        src = F.regexp_extract(relative, java_pattern, group_index)
+        src = F.regexp_extract(F.col("relative"), java_pattern, group_index)
         src = F.when(src == "", F.lit(None)).otherwise(src)
     else:
         src = F.lit(source.name)
-    decoded = files.select("path", relative.alias("relative"), src.alias("src"),
-                           decode(F.col("content")).alias("d"))
+    decoded = decoded.withColumn("src", src)
     no_source = F.col("src").isNull()
     return decoded.select(
         F.coalesce(F.col("src"), F.lit(source.name)).alias("source"),
