@@ -32,6 +32,7 @@ from pyspark.sql import functions as F
 from mira_spark import tracking
 from mira_spark.config import SelectConf, flatten, resolve_path
 from mira_spark.keys import hash_unit_col, stable_hash
+from mira_spark.tables import with_retry_on_conflict
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,13 @@ def run(ctx) -> dict:
         plans = build_plans(positioned, conf)
         solve_rates(plans, conf)
         selections = decide(positioned, plans, run_id)
-        tables.replace_where(selections, "selections", f"selection_run = '{run_id}'")
+        # Runs with other configs may write their own partitions at the same time: retry on a Delta conflict
+        # (each write replaces only this run's partition, so a retry is safe).
+        with_retry_on_conflict(lambda: tables.replace_where(selections, "selections",
+                                                            f"selection_run = '{run_id}'"))
         thresholds = threshold_rows(tables, run_id, plans)
-        tables.replace_where(thresholds, "thresholds", f"selection_run = '{run_id}'")
+        with_retry_on_conflict(lambda: tables.replace_where(thresholds, "thresholds",
+                                                            f"selection_run = '{run_id}'"))
     finally:
         positioned.unpersist()
     ensure_summary_view(tables)

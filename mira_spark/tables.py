@@ -286,6 +286,17 @@ class MissingTableError(RuntimeError):
     pass
 
 
+# Delta's optimistic-concurrency failures (all DeltaConcurrentModificationException): another writer committed
+# first. Two writers creating the same table at once get ProtocolChanged or MetadataChanged.
+CONFLICTS = ("DeltaConcurrentModificationException", "ConcurrentAppendException", "ConcurrentDeleteReadException",
+             "ConcurrentDeleteDeleteException", "ConcurrentTransactionException", "ConcurrentWriteException",
+             "MetadataChangedException", "ProtocolChangedException")
+
+
+def is_conflict(exc: BaseException) -> bool:
+    return type(exc).__name__ in CONFLICTS or any(name in str(exc)[:500] for name in CONFLICTS)
+
+
 def with_retry_on_conflict(action: Callable[[], object], attempts: int = 5) -> object:
     """Run a Delta write, retrying when a concurrent writer won the optimistic-concurrency race."""
     import time
@@ -294,7 +305,7 @@ def with_retry_on_conflict(action: Callable[[], object], attempts: int = 5) -> o
         try:
             return action()
         except Exception as exc:  # delta.exceptions.* derive from pyspark's exceptions
-            conflict = type(exc).__name__.startswith("Concurrent") or "ConcurrentAppend" in str(exc)
+            conflict = is_conflict(exc)
             if not conflict or attempt == attempts:
                 raise
             log.warning("concurrent Delta write conflict (%s); retrying %d/%d", type(exc).__name__,
