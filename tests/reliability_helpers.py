@@ -22,7 +22,7 @@ from conftest import REPO
 from fake_openai import FakeOpenAI
 
 CLI = str(REPO / ".venv" / "bin" / "mira-spark")
-SMALL_SOURCES = ("python_stdlib", "c_headers", "markdown_docs", "json_data")
+SMALL_SOURCES = ("python_stdlib", "c_headers", "markdown_docs")
 API_KEY_ENV = "MIRA_RELIABILITY_KEY"
 API_KEY = "sk-reliability-0123456789"
 
@@ -30,16 +30,16 @@ API_KEY = "sk-reliability-0123456789"
 # several embedding chunks and a label sample per group.
 PIPELINE_OVERRIDES = {
     "spark": {"shuffle_partitions": 2, "driver_memory": "2g"},
-    "embed": {"chunk_rows": 12},
+    "embed": {"chunk_rows": 8},
     "group": {"min_records": 5, "k": 2},
-    "discover": {"sample_per_group": 6, "target_anchors": 4},
+    "discover": {"sample_per_group": 4, "target_anchors": 4},
     "label": {"sample_per_group": 16},
-    "train": {"min_labels": 3, "epochs": 40, "reliability_threshold": -1.0},
+    "train": {"min_labels": 3, "epochs": 30, "reliability_threshold": -1.0},
     "select": {"rate": 0.5},
 }
 
 
-def build_small_corpus(folder: Path, records_per_source: int = 16) -> Path:
+def build_small_corpus(folder: Path, records_per_source: int = 12) -> Path:
     build_demo_corpus(DemoConf(output_dir=str(folder), max_records_per_source=records_per_source,
                                chunk_chars=800),
                       [s for s in demo_sources() if s.name in SMALL_SOURCES])

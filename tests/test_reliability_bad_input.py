@@ -194,7 +194,8 @@ def test_config_errors_and_missing_sources_fail_fast_naming_the_problem(session_
     assert missing_file.returncode == 2 and "config file not found" in missing_file.stderr
     print(f"bad input: {len(cases) + 1} config errors refused with exit code 2 before any work")
 
-    # A missing source path and a source without its text column: exit 1 naming the source, nothing written.
+    # A missing source path: exit 1 naming the source and the path, nothing written (a missing column is
+    # test_ingest.py::test_missing_column_names_source_and_column).
     config = write_config(tmp_path / "gone.yml", session_dir, "rel_gone", corpus, teacher)
     text = config.read_text().replace(str(corpus), str(tmp_path / "no_such_dir"))
     config.write_text(text + "\n")
