@@ -130,10 +130,12 @@ def timed(action: Callable[[], object]) -> tuple[object, float]:
     return result, time.perf_counter() - started
 
 
-# ---------------------------------------------------------------- stage: embed
+def raw_encode(ctx, records: BenchRecords):
+    """The bare model in this process on every core: (vectors, seconds, model tokens, device, threads).
 
-
-def measure_embed(ctx, records: BenchRecords) -> StageMeasurement:
+    The model is loaded and warmed up before the clock starts, and unloaded afterwards so the Spark run that
+    follows has the memory and cores to itself.
+    """
     import torch
 
     from mira_spark import embed
@@ -149,10 +151,21 @@ def measure_embed(ctx, records: BenchRecords) -> StageMeasurement:
     tokens = sum(len(ids) for ids in encoded["input_ids"])
     embed.encode(model, records.texts[:conf.batch_size], conf.batch_size)  # warm-up, not timed
     log.info("raw: encoding %d records in this process (%s, %d torch threads)", len(records.texts), device, threads)
-    _, raw_seconds = timed(lambda: embed.encode(model, records.texts, conf.batch_size))
+    vectors, seconds = timed(lambda: embed.encode(model, records.texts, conf.batch_size))
     embed._MODELS.clear()
     del model
     gc.collect()
+    return vectors, seconds, tokens, device, threads
+
+
+# ---------------------------------------------------------------- stage: embed
+
+
+def measure_embed(ctx, records: BenchRecords) -> StageMeasurement:
+    from mira_spark import embed
+
+    conf = ctx.cfg.embed
+    _, raw_seconds, tokens, device, threads = raw_encode(ctx, records)
 
     log.info("spark: running the embed stage on the same records")
     summary, spark_seconds = timed(lambda: embed.run(ctx))
@@ -195,24 +208,10 @@ def measure_score(ctx, records: BenchRecords) -> StageMeasurement:
            the Delta writes included). Students are trained between the two timings, untimed.
     """
     import numpy as np
-    import torch
 
     from mira_spark import embed, score
 
-    conf = ctx.cfg.embed
-    device = "cuda" if conf.device != "cpu" and torch.cuda.is_available() else "cpu"
-    threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    model = embed.load_model(embed.model_location(conf), device, conf.max_seq_length,
-                             offline=conf.model == "default")
-    encoded = model.tokenizer(records.texts, truncation=True, max_length=conf.max_seq_length)
-    tokens = sum(len(ids) for ids in encoded["input_ids"])
-    embed.encode(model, records.texts[:conf.batch_size], conf.batch_size)  # warm-up, not timed
-    log.info("raw: encoding %d records in this process (%s, %d torch threads)", len(records.texts), device, threads)
-    vectors, encode_seconds = timed(lambda: embed.encode(model, records.texts, conf.batch_size))
-    embed._MODELS.clear()
-    del model
-    gc.collect()
+    vectors, encode_seconds, tokens, device, threads = raw_encode(ctx, records)
 
     log.info("spark: running the embed stage")
     _, embed_seconds = timed(lambda: embed.run(ctx))
